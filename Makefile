@@ -18,15 +18,20 @@ export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter/runtime
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 LAB_PORT ?= 8888
+# Chapters that `make execute`, `make nbval` and `make figures` work on; default: all of them.
+NOTEBOOKS ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help setup model lab test check unit nbval export execute bench clean
+.PHONY: help setup model lab test check unit nbval export execute bench clean badges figures browser-test
 
 help:
 	@echo "make lab      set up (.venv, embedded model) and open the course in JupyterLab on 127.0.0.1"
 	@echo "make test     set up, then run every check: unit tests, strict nbval, export drift, pairs"
 	@echo "make execute  re-run every chapter in a fresh kernel and store the outputs"
 	@echo "make export   regenerate nanovllm_lib/ from the chapters"
+	@echo "make badges   rewrite the Colab/Binder links, Colab setup cells and binder/ from course.toml"
+	@echo "make figures  regenerate figures/ by running the chapters that write them"
+	@echo "make browser-test  run chapter 04 in JupyterLab in headless Chromium and check what it shows"
 	@echo "make bench    run the end-to-end benchmark"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -34,6 +39,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
+	# Build matplotlib's font cache now, so no chapter prints "generated new fontManager".
+	$(PY) -c "import matplotlib.pyplot"
 	touch $@
 
 model: $(STAMP)
@@ -54,15 +61,32 @@ execute: setup
 check: $(STAMP)
 	$(PY) tools/export.py --check
 	$(PY) tools/check_notebooks.py
+	$(PY) tools/badges.py --check
+	$(PY) tools/figures.py --check
 
 unit: setup
 	$(PY) -m pytest -q tests
 
 nbval: setup
 	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
-		--nbval-sanitize-with tools/nbval_sanitize.cfg notebooks/[0-9][0-9]_*.ipynb
+		--nbval-sanitize-with tools/nbval_sanitize.cfg $(NOTEBOOKS)
 
 test: setup check unit nbval
+
+badges: $(STAMP)
+	$(PY) tools/badges.py
+
+figures: setup
+	$(PY) tools/figures.py $(NOTEBOOKS)
+
+# Writes artifacts/bench/ (results.md, results.csv, bench.png); about ten minutes on two quiet CPU cores.
+# Options of tools/bench.py go in BENCH_ARGS, for example BENCH_ARGS="--threads 1".
+bench: setup
+	$(PY) tools/bench.py $(BENCH_ARGS)
+
+# Needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium); saves screenshots in artifacts/.
+browser-test: setup
+	$(PY) tools/browser_test.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

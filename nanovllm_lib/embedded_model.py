@@ -146,7 +146,3 @@ def main() -> None:
     """Command-line entry point: `python -m nanovllm_lib.embedded_model`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"embedded model ready: {ensure_embedded_model()}")
-
-
-if __name__ == "__main__":
-    main()

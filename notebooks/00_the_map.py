@@ -13,6 +13,25 @@
 # and have a reference reply to compare against.
 
 # %% [markdown]
+# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/your-github-user/nano-vllm-course/blob/main/notebooks/00_the_map.ipynb) [![Launch on Binder](https://mybinder.org/badge_logo.svg)](https://mybinder.org/v2/gh/your-github-user/nano-vllm-course/main?urlpath=lab/tree/notebooks/00_the_map.ipynb)
+
+# %%
+# On Google Colab this cell gets the course, installs what it needs (keeping Colab's own torch)
+# and fetches the model, which takes a few minutes the first time. Anywhere else it does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import runpy
+    import subprocess
+
+    if not os.path.isdir("/content/nano-vllm-course"):
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", "main",
+                        "https://github.com/your-github-user/nano-vllm-course.git", "/content/nano-vllm-course"], check=True)
+    # Loaded by file path, so that no package is imported before setup_colab installs its pinned version.
+    runpy.run_path("/content/nano-vllm-course/nanovllm_lib/colab.py")["setup_colab"]("/content/nano-vllm-course")
+
+# %% [markdown]
 # ## Setup
 #
 # Every chapter starts by importing what earlier chapters built from `nanovllm_lib`, the package the course writes as it goes.
@@ -198,10 +217,6 @@ def main() -> None:
     """Command-line entry point: `python -m nanovllm_lib.embedded_model`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"embedded model ready: {ensure_embedded_model()}")
-
-
-if __name__ == "__main__":
-    main()
 
 # %% [markdown]
 # `make lab` and `make test` already ran this once, so here it only finds the folder.
@@ -390,3 +405,147 @@ else:
     layer = reference_model.model.layers[0].self_attn
     truth = sum(p.numel() for p in layer.parameters())
     print("correct" if answer_attention_params == truth else f"not quite: {answer_attention_params} != the layer's count")
+
+# %% [markdown]
+# ## Appendix: running the course on Google Colab
+#
+# On your machine, `make lab` sets everything up before the first chapter opens.
+# Colab starts from a bare runtime that has its own PyTorch (with CUDA) but not this course.
+# So every chapter begins with a cell that, on Colab only, clones the course repository,
+# then calls `setup_colab` below, and does nothing anywhere else.
+#
+# `setup_colab` installs the pinned requirements that are missing or at another version,
+# except the packages Colab must keep its own copy of: replacing its `torch` would download several GB
+# and give up its GPU build, and its kernel and widget front end belong to the Colab page.
+# It installs the course package itself, switches to the `notebooks/` folder of the clone
+# so the chapters' relative paths (`../figures/...`) work, and fetches the same hash-pinned model as `make lab`.
+#
+# The chapter's cell loads this module by its file path instead of importing `nanovllm_lib`,
+# because importing the package would import `safetensors` and others before their pinned versions are installed.
+# For the same reason, this module imports only the standard library at the top.
+
+# %%
+#| export colab
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+# Pinned requirements that setup_colab never installs on Colab, with the reason.
+KEPT_ON_COLAB = {
+    "torch": "Colab ships its own build with CUDA; the pinned CPU build would replace it (several GB)",
+    "ipykernel": "Colab runs its own kernel, and replacing it can break the running session",
+    "ipywidgets": "Colab's page renders widgets with the ipywidgets version it ships",
+    "jupyterlab": "Colab has its own notebook front end",
+    "playwright": "only the course's browser test uses it",
+}
+
+
+def is_colab() -> bool:
+    """True inside a Google Colab runtime: its `google.colab` module is loaded or a COLAB_* variable is set."""
+    return "google.colab" in sys.modules or any(name.startswith("COLAB_") for name in os.environ)
+
+
+def normalize_name(name: str) -> str:
+    """Return a package name in the normal form of PEP 503 (`Foo_Bar.baz` -> `foo-bar-baz`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(requirements: Path | str) -> dict[str, str]:
+    """Return {normalized name: version} for the `name==version` lines of a requirements file.
+
+    Comments, blank lines and option lines such as `--extra-index-url URL` are skipped.
+    Any other line raises ValueError, because the course pins every requirement exactly.
+    """
+    pins = {}
+    for number, raw in enumerate(Path(requirements).read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)", line)
+        if match is None:
+            raise ValueError(f"{requirements}, line {number}: {raw!r} is not an exact pin; write it as name==version.")
+        pins[normalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+# %%
+#| export colab
+def installed_version(name: str) -> str | None:
+    """Return the installed version of a distribution, or None if it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def missing_requirements(pins: dict[str, str],
+                         installed: Callable[[str], str | None] = installed_version) -> list[str]:
+    """Return `name==version` for each pin outside KEPT_ON_COLAB that is not installed at exactly that version."""
+    return [f"{name}=={version}" for name, version in pins.items()
+            if name not in KEPT_ON_COLAB and installed(name) != version]
+
+
+def run_checked(command: list[str]) -> None:
+    """Run a command, raising CalledProcessError if it fails."""
+    subprocess.run(command, check=True)
+
+
+# %%
+#| export colab
+def setup_colab(course_dir: Path | str, *, run: Callable[[list[str]], None] = run_checked,
+                installed: Callable[[str], str | None] = installed_version,
+                ensure_model: Callable[[], Path] | None = None) -> list[list[str]]:
+    """On Colab, prepare a clone of the course in `course_dir` for its chapters; elsewhere do nothing.
+
+    On Colab it installs the missing pinned requirements (never those in KEPT_ON_COLAB), installs the
+    course package from the clone, makes the clone importable, changes the working directory to its
+    notebooks/ folder and fetches the embedded model. Returns the commands it ran ([] outside Colab).
+    Raises RuntimeError when it replaced a package this session had already imported: the session
+    must restart to use the new version.
+    """
+    if not is_colab():
+        return []
+    course = Path(course_dir).resolve()
+    commands = []
+    missing = missing_requirements(read_pins(course / "requirements.txt"), installed)
+    # A package this session imported keeps running its old version until the session restarts.
+    replaced = [pin.split("==")[0] for pin in missing if installed(pin.split("==")[0]) is not None]
+    stale = [name for name in replaced if name.replace("-", "_") in sys.modules]
+    if missing:
+        print(f"installing {len(missing)} pinned packages: {' '.join(missing)}", flush=True)
+        commands.append([sys.executable, "-m", "pip", "install", "--quiet", *missing])
+    commands.append([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--editable", str(course)])
+    for command in commands:
+        run(command)
+
+    if stale:
+        raise RuntimeError(
+            f"This session had already imported {', '.join(stale)} before the pinned version was installed. "
+            "Restart the session (Runtime > Restart session) and run the notebook again."
+        )
+
+    if str(course) not in sys.path:
+        sys.path.insert(0, str(course))
+    importlib.invalidate_caches()
+    os.chdir(course / "notebooks")
+    if ensure_model is None:
+        from nanovllm_lib.embedded_model import ensure_embedded_model as ensure_model
+    print("fetching the model (about a minute, only the first time) ...", flush=True)
+    print(f"model ready: {ensure_model()}")
+    return commands
+
+
+# %% [markdown]
+# Here, outside Colab, it returns at once and runs nothing:
+
+# %%
+from nanovllm_lib.colab import is_colab, setup_colab
+
+print("on Colab:", is_colab(), "| commands run:", setup_colab(Path.cwd().parent))

@@ -9,6 +9,25 @@
 # `SamplingParams` with temperature, top-k, top-p and seeds, and a loop that reproduces `generate` token for token.
 
 # %% [markdown]
+# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/your-github-user/nano-vllm-course/blob/main/notebooks/01_naive_generation.ipynb) [![Launch on Binder](https://mybinder.org/badge_logo.svg)](https://mybinder.org/v2/gh/your-github-user/nano-vllm-course/main?urlpath=lab/tree/notebooks/01_naive_generation.ipynb)
+
+# %%
+# On Google Colab this cell gets the course, installs what it needs (keeping Colab's own torch)
+# and fetches the model, which takes a few minutes the first time. Anywhere else it does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import runpy
+    import subprocess
+
+    if not os.path.isdir("/content/nano-vllm-course"):
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", "--branch", "main",
+                        "https://github.com/your-github-user/nano-vllm-course.git", "/content/nano-vllm-course"], check=True)
+    # Loaded by file path, so that no package is imported before setup_colab installs its pinned version.
+    runpy.run_path("/content/nano-vllm-course/nanovllm_lib/colab.py")["setup_colab"]("/content/nano-vllm-course")
+
+# %% [markdown]
 # ## Setup
 
 # %%
@@ -929,6 +948,11 @@ def generate_naive(lm: LoadedModel, prompt_ids: list[int], params: SamplingParam
 # %% [markdown]
 # The test: greedy generation of 64 tokens must give exactly the ids `generate` gives, for every prompt.
 # We ask both to ignore EOS so every comparison runs the full 64 tokens.
+#
+# One trap on the way: always pass `generate` an explicit `attention_mask`.
+# Without one, transformers guesses it by masking every prompt token equal to the pad id,
+# and this checkpoint's pad id is `<|im_end|>`, which every chat prompt contains.
+# The reference then silently attends to a different prompt than ours.
 
 # %%
 from nanovllm_lib.generation import generate_naive
@@ -936,9 +960,10 @@ from nanovllm_lib.generation import generate_naive
 greedy64 = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
 for ids in prompt_id_lists:
     ours = generate_naive(lm, ids, greedy64).token_ids
+    prompt = torch.tensor([ids])
     with torch.no_grad():
-        theirs = reference.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
-                                    eos_token_id=None, pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+        theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
+                                    do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
     print(f"{len(ids):3d}-token prompt: 64 greedy tokens identical to generate: {ours == theirs}")
 
 # %% [markdown]

@@ -19,7 +19,15 @@ NOTEBOOKS = ROOT / "notebooks"
 CELL_TIMEOUT_S = 900
 
 
+def sync(path: Path) -> None:
+    """Bring the pair up to date from whichever file was edited last; outputs stay in the .ipynb."""
+    subprocess.run([sys.executable, "-m", "jupytext", "--sync", "--quiet", str(path)], check=True, cwd=ROOT)
+
+
 def execute(path: Path) -> float:
+    sync(path)
+    # Later cells import from nanovllm_lib, so the library must match the notebook before it runs.
+    subprocess.run([sys.executable, str(ROOT / "tools" / "export.py")], check=True, cwd=ROOT)
     notebook = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     client = NotebookClient(
@@ -30,7 +38,7 @@ def execute(path: Path) -> float:
     # Saved widget state changes on every run and is not needed to read the chapter.
     notebook.metadata.pop("widgets", None)
     nbformat.write(notebook, path)
-    subprocess.run([sys.executable, "-m", "jupytext", "--sync", "--quiet", str(path)], check=True, cwd=ROOT)
+    sync(path)
     return elapsed
 
 
