@@ -293,7 +293,7 @@ def write_report(results: list[BenchResult], config: BenchConfig, folder: Path |
     settings = (f"{config.num_requests} requests (seed {config.seed}; median prompt {config.prompt_median:g}, "
                 f"median output {config.output_median:g}, at most {config.max_output_len} new tokens), greedy, ignore_eos; "
                 f"engine: block size {config.block_size}, {config.kv_cache_mib} MiB KV pool, max_num_seqs "
-                f"{config.max_num_seqs}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+                f"{config.max_num_seqs}; torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
     markdown = folder / "results.md"
     markdown.write_text(f"# Benchmark results\n\n{settings}\n\n{markdown_table(rows)}\n", encoding="utf-8")
     table = folder / "results.csv"

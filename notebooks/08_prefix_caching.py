@@ -354,8 +354,8 @@ print("hit on block 0 finds it:", pool.find(123, (5, 6, 7, 8), None) is not None
 pool.share(first)
 print("after the hit, refcount:", pool.refcount(first), "| free queue:", list(pool._free))
 pool.decref(first)
-taken = [pool.allocate() for _ in range(4)]
-print("allocation order:", taken, "| evictions:", pool.num_evictions,
+allocation_order = [pool.allocate() for _ in range(4)]
+print("allocation order:", allocation_order, "| evictions:", pool.num_evictions,
       "| key 123 still found:", pool.find(123, (5, 6, 7, 8), None) is not None,
       "| refcount of reused block 0:", pool.refcount(first))
 
@@ -380,6 +380,8 @@ print("allocation order:", taken, "| evictions:", pool.num_evictions,
 # **Registration.** `cache_computed_blocks(seq_id, token_ids, num_computed_tokens)` gives keys to the sequence's blocks
 # that are now full **and** whose KV has been computed. The engine calls it after every step.
 # A block whose last slot is reserved for a token that has not been fed through the model yet stays unregistered.
+# Once registered, a block's tokens never change: a sequence's token ids only grow (a stop string shortens the text, not the ids),
+# and an edited conversation arrives as a new request whose blocks are looked up afresh.
 # If an identical block is already cached (two requests computed the same prefix at the same time),
 # the older entry stays and the new copy is simply freed with its sequence.
 #

@@ -5,7 +5,7 @@
 # This chapter measures what all that buys on real work.
 # We run one seeded workload of requests with mixed prompt and output lengths through three systems:
 # Hugging Face `generate` one request at a time, `generate` on static padded batches, and our engine,
-# and compare throughput, latency and how much of the KV memory holds live tokens.
+# and compare throughput, latency and how much of the KV memory contains live tokens.
 # Then we profile the engine, remove one bottleneck the profile shows,
 # and end with the features that production engines such as vLLM add on top of what we built.
 #
@@ -704,7 +704,7 @@ def write_report(results: list[BenchResult], config: BenchConfig, folder: Path |
     settings = (f"{config.num_requests} requests (seed {config.seed}; median prompt {config.prompt_median:g}, "
                 f"median output {config.output_median:g}, at most {config.max_output_len} new tokens), greedy, ignore_eos; "
                 f"engine: block size {config.block_size}, {config.kv_cache_mib} MiB KV pool, max_num_seqs "
-                f"{config.max_num_seqs}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+                f"{config.max_num_seqs}; torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
     markdown = folder / "results.md"
     markdown.write_text(f"# Benchmark results\n\n{settings}\n\n{markdown_table(rows)}\n", encoding="utf-8")
     table = folder / "results.csv"
@@ -788,8 +788,8 @@ else:
 # * **CUDA graphs.** The profile above showed the cost of many small operator calls, and on a GPU each of them is a kernel launch.
 #   Recording a decode step once as a CUDA graph and replaying it removes most of that overhead (vLLM's `enforce_eager=True` turns it off).
 # * **Fused attention kernels.** FlashAttention (Dao et al., arXiv:2205.14135, and FlashAttention-2, arXiv:2307.08691)
-#   computes attention in tiles without writing the score matrix to memory, and paged variants read the KV blocks in place,
-#   which removes the gather our batched backend still does.
+#   computes attention in tiles without writing the score matrix to memory.
+#   Paged variants read the KV blocks in place, so they avoid the gather that our batched backend still does.
 # * **Tensor parallelism.** Models too large for one device split every weight matrix across devices and combine partial results
 #   with an all-reduce per layer (Shoeybi et al., *Megatron-LM*, arXiv:1909.08053).
 # * **Speculative decoding.** A small draft model proposes several tokens and the large model checks them in one batched step,
