@@ -91,7 +91,8 @@ def test_summary_speedups_and_token_check():
 
 def test_summary_without_baselines():
     rows = summary_rows([result("engine", 1.0, [1.0], [[1]])])
-    assert rows[0]["x one at a time"] == "" and rows[0]["x best static"] == ""
+    assert rows[0]["x one at a time"] == ""
+    assert rows[0]["x best static"] == ""
     assert rows[0]["KV utilisation"] == ""
 
 
@@ -126,7 +127,8 @@ def test_one_at_a_time_latencies_accumulate(tiny_hf):
 def test_static_batch_latency_is_batch_end(tiny_hf):
     batched = run_hf_generate(tiny_hf, tiny_requests(), 2, pad_token_id=0)
     times = batched.completion_seconds
-    assert times[0] == times[1] and times[2] == times[3]
+    assert times[0] == times[1]
+    assert times[2] == times[3]
     assert times[1] < times[2] < times[4]
 
 
@@ -182,7 +184,8 @@ def test_batched_decode_logits_match_per_sequence(tiny_lm, block_size):
     input_ids = torch.tensor([11, 12] + prompts[3] + [13])
     expected = run_paged_step(model, pool, metadata, input_ids)
     backend = BatchedDecodeAttention(pool, metadata)
-    assert backend.decodes == [0, 1, 3] and backend.prefills == [2]
+    assert backend.decodes == [0, 1, 3]
+    assert backend.prefills == [2]
     assert tuple(backend.decode_mask.shape) == (3, 1, 1, backend.decode_tables.shape[1] * block_size)
     assert backend.decode_mask.sum().item() == 6 + 3 + 10
     assert torch.allclose(run_paged_step(fast, pool, metadata, input_ids), expected, atol=TOLERANCE)

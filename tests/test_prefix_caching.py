@@ -313,7 +313,8 @@ def test_hits_are_exact_and_bookkeeping_holds(operations, hash_name, num_blocks,
             except NoFreeBlocksError:
                 assert list(manager.allocator._free) == free_before
                 continue
-            assert hit % block_size == 0 and hit < len(prompt)
+            assert hit % block_size == 0
+            assert hit < len(prompt)
             table = manager.block_table(name)
             for index in range(hit // block_size):
                 assert kv_source[table[index]] == tuple(prompt[:(index + 1) * block_size]), "hit on the wrong KV"
@@ -330,7 +331,8 @@ def test_hits_are_exact_and_bookkeeping_holds(operations, hash_name, num_blocks,
             table = manager.block_table(name)
             for position in range(num_computed[name], target):
                 block = table[position // block_size]
-                assert manager.allocator.refcount(block) == 1 and manager.allocator.entry(block) is None
+                assert manager.allocator.refcount(block) == 1
+                assert manager.allocator.entry(block) is None
                 if (position + 1) % block_size == 0:
                     kv_source[block] = tuple(tokens[name][:position + 1])
             num_computed[name] = target
@@ -434,7 +436,8 @@ def test_mixed_hit_and_miss_in_one_step(lm, text_ids):
     assert core.stats.steps[-1].num_new_tokens == [3, 7]
     table_a, table_c = core.block_manager.block_table("A'"), core.block_manager.block_table("C")
     assert table_a[:2] == a_blocks
-    assert len(table_a) == 3 and len(table_c) == 2
+    assert len(table_a) == 3
+    assert len(table_c) == 2
     assert len(set(table_a[2:]) | set(table_c) | set(a_blocks)) == 5
     while core.has_unfinished():
         core.step()
